@@ -239,8 +239,8 @@ def load_psych8k_json(path):
 # ----------------------------------------------------------------------------------------------------------
 # the prompt the policy sees (and the fluency reward conditions on)
 
-SYSTEM_PROMPT = ("You are a counsellor. Reply to the client with one or two short sentences that reflect "
-                 "what they feel and why it matters to them.")
+# short on purpose: on a CPU every prompt token is paid for in each rollout's forward passes
+SYSTEM_PROMPT = "You are a counsellor. Reflect the client's feelings in one short sentence."
 
 
 def chat_prompt(tok, statement: str) -> str:

@@ -132,18 +132,24 @@ def response_mask(tokens, eos):
 
 @torch.no_grad()
 def sample(model, tok, statements, n, max_new_tokens, temperature=1.0, greedy=False):
-    """N responses per statement from the current policy. Returns ids (BN, P+T), mask (BN, P+T), P, and texts."""
+    """N responses per statement from the current policy, with the log-probability of each sampled token under
+    the distribution it was drawn from (read off generation's logits, not recomputed from decoded text).
+    Returns ids (BN, P+T), mask (BN, P+T), P, resp_mask (BN, T), logp (BN, T), texts."""
     ids, mask = encode(tok, statements)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                         do_sample=not greedy, temperature=temperature if not greedy else None, top_k=0, top_p=1.0,
+                         do_sample=not greedy, temperature=None if greedy else temperature, top_k=None, top_p=None,
                          num_return_sequences=1 if greedy else n, pad_token_id=tok.pad_token_id,
-                         eos_token_id=eos_ids(model, tok))
+                         eos_token_id=eos_ids(model, tok), return_dict_in_generate=True, output_logits=not greedy)
     P = ids.shape[1]
-    resp = out[:, P:]                                                    # (BN, T)
+    resp = out.sequences[:, P:]                                          # (BN, T)
     rmask = response_mask(resp, eos_ids(model, tok))
-    full_mask = torch.cat([mask.repeat_interleave(out.shape[0] // ids.shape[0], 0), rmask.long()], 1)
+    full_mask = torch.cat([mask.repeat_interleave(resp.shape[0] // ids.shape[0], 0), rmask.long()], 1)
     texts = [tok.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(resp, rmask)]
-    return {"ids": out, "mask": full_mask, "P": P, "resp_mask": rmask, "texts": texts}
+    logp = None
+    if not greedy:  # temperature T: the sampling distribution is softmax(logits / T)
+        logits = torch.stack(out.logits, 1).float() / temperature        # (BN, T, V)
+        logp = torch.log_softmax(logits, -1).gather(-1, resp[..., None]).squeeze(-1) * rmask
+    return {"ids": out.sequences, "mask": full_mask, "P": P, "resp_mask": rmask, "logp": logp, "texts": texts}
 
 
 def token_logprobs(model, ids, mask, P):
@@ -225,8 +231,8 @@ def train(model, tok, reward_fn, train_statements, valid_statements, out_dir, *,
         model.eval()
         roll = sample(model, tok, batch, n_samples, max_new_tokens, temperature)
         ids, mask, P, rmask = roll["ids"], roll["mask"], roll["P"], roll["resp_mask"]
+        old_logp = roll["logp"]                                         # log pi_old, (BN, T)
         with torch.no_grad():
-            old_logp = token_logprobs(model, ids, mask, P)              # log pi_old, (BN, T)
             with lora_disabled(model):
                 ref_logp = token_logprobs(model, ids, mask, P)          # log pi_ref, (BN, T)
         # 2. score
@@ -250,7 +256,7 @@ def train(model, tok, reward_fn, train_statements, valid_statements, out_dir, *,
         state["data_points"] += len(batch)
         state["seconds"] += time.perf_counter() - t0
         row = {"step": state["step"], "data_points": state["data_points"], "seconds": round(state["seconds"], 3),
-               "reward": float(R.mean()), "kl": float(kl.mean()), "loss": float(loss),
+               "reward": float(R.mean()), "kl": float(kl.mean().detach()), "loss": float(loss.detach()),
                "weights": {k: round(float(x), 4) for k, x in w.items()},
                **{f"train_{k}": float(np.mean(scores[k])) for k in objectives}}
 
