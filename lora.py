@@ -203,3 +203,14 @@ def write_json(path, obj):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def fresh_adapter(model, seed: int) -> dict:
+    """A new adapter as add_lora makes it: A ~ PEFT's Kaiming-uniform init (seeded), B = 0."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for n, m in lora_layers(model).items():
+        bound = 1 / math.sqrt(m.lora_A.shape[1])  # kaiming_uniform_(a=sqrt(5)) gives U(-1/sqrt(in), 1/sqrt(in))
+        A = (torch.rand(m.lora_A.shape, generator=g, dtype=m.lora_A.dtype) * 2 - 1) * bound
+        out[n] = (A, torch.zeros_like(m.lora_B))
+    return out

@@ -1,6 +1,6 @@
 """The reward models r_k (reflection, empathy, fluency) and the evaluation-only metrics.
 
-Paper: EMORL (Kong et al. 2025), Sec. 3 "Objectives and rewards" and Sec. 4 "Evaluation". Each objective k has
+Paper: EMORL (Kong et al. 2025), the reward models of the experimental setup and the evaluation. Each objective k has
 a scorer that maps (client statement, counsellor response) to a score in [0, 1]; rl.py turns it into a reward and
 search.py / eval.py average the objectives. Run `python rewards.py [DATA_DIR]` for the report figures (ranking
 accuracy of the two classifiers and mean scores per reflection level on the valid and test splits).
@@ -147,6 +147,7 @@ def _save_atomic(obj, path: Path):
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
     os.close(fd)
     torch.save(obj, tmp)
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache is shared like the model folders
     os.replace(tmp, path)  # readers see either no file or the complete one
 
 
@@ -358,7 +359,8 @@ def score_file(path, rm):
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
-            missing = [k for k in ("prompt", "response") if not isinstance(rec, dict) or not isinstance(rec.get(k), str)]
+            missing = [k for k in ("prompt", "response")
+                       if not isinstance(rec, dict) or not isinstance(rec.get(k), str)]
             if missing:
                 raise ValueError(f"{path}, line {i}: missing or non-string key(s) {', '.join(missing)}")
             items.append((rec["prompt"], rec["response"]))
@@ -377,7 +379,8 @@ def format_table(rows, width=40):
         text = cut(" ".join(r["response"].split()))
         lines.append(f"{i:>4}  {text:<{width}}  " + "  ".join(f"{r[c]:>11.3f}" for c in cols))
     if rows:
-        lines.append(f"{'':>4}  {'mean':<{width}}  " + "  ".join(f"{np.mean([r[c] for r in rows]):>11.3f}" for c in cols))
+        means = [np.mean([r[c] for r in rows]) for c in cols]
+        lines.append(f"{'':>4}  {'mean':<{width}}  " + "  ".join(f"{m:>11.3f}" for m in means))
     return "\n".join(lines)
 
 
