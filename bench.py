@@ -15,7 +15,9 @@ Variants, all greedy, all decoding exactly T tokens per row (EOS ignored / forbi
   5. full:       `aggregate.generate_full_recompute`, the authors' loop (every model re-runs the whole prefix).
 Throughput counts output tokens: B T / seconds (the ensemble outputs B T tokens, not K B T).
 Peak memory: the single decode and the ensemble decode each run in a fresh process (`--measure-rss`), which
-reports its peak resident set size (getrusage ru_maxrss, KiB on Linux), loading of torch and the model included.
+reports its peak resident set size while decoding (VmHWM, KiB, reset after loading, see `reset_peak_rss`), the
+resident weights, torch and the KV caches included; and the whole-process peak (getrusage ru_maxrss), which is
+the loading transient.
 
 Legend: K models, B statements, P prompt tokens, T new tokens, D hidden size.
 
@@ -23,10 +25,14 @@ Notes:
   1. The adapters are random (A, B ~ N(0, 0.02^2)), not trained: a fresh adapter has B = 0 and would make every
      model the same; a small scale keeps the text model-like, so the attention and cache shapes are realistic.
   2. Timings are the minimum over --repeats, measured side by side in one process after a warm-up; on a busy
-     machine compare the ratios, not the seconds.
+     machine compare the ratios, not the seconds. When other processes hold the cores, torch's default of one
+     thread per core can be ten times slower than --threads 1 (threads wait on each other); the header prints
+     the load average for that reason.
 """
 import argparse
+import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -129,25 +135,39 @@ def setup(batch, k):
     return model, tok, statements, adapters, [1.0 / k] * k
 
 
-def rss_kib():
-    """Current resident set size (KiB), from /proc (Linux)."""
+def peak_rss_kib():
+    """Peak resident set size of the process so far (KiB on Linux), over all its threads, dead ones included."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def rss_high_water_kib():
+    """Peak RSS since the last `reset_peak_rss` (VmHWM, KiB). ru_maxrss cannot be reset: it also keeps the peak
+    recorded when any thread exits, and the loader's threads exit after the load."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith("VmHWM:"):
             return int(line.split()[1])
-    return 0
+    raise RuntimeError("no VmHWM in /proc/self/status: the memory measurement needs Linux")
+
+
+def reset_peak_rss():
+    """Restart the high-water mark (Linux >= 4.0: write 5 to clear_refs). Without it, the peak would be the
+    transient of loading the checkpoint (about twice the weights), the same for both decodes, and the ratio
+    would say nothing about decoding."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def measure_rss(which, batch, T, k):
-    """Runs in a fresh process: one decode, then prints its peak RSS as a JSON line."""
+    """Runs in a fresh process: load, reset the peak, one decode, then print the peaks as a JSON line."""
     model, tok, statements, adapters, weights = setup(batch, k if which == "ensemble" else 1)
-    before = rss_kib()
+    load_peak = peak_rss_kib()
+    gc.collect()
+    reset_peak_rss()
     if which == "single":
         single_generate(model, tok, statements, adapters[0], T)
     else:
         ensemble_generate(model, tok, statements, adapters, weights, level="hidden", max_new_tokens=T,
                           ignore_eos=True, batch_size=batch)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss            # KiB on Linux
-    print(json.dumps({"which": which, "peak_rss_kib": peak, "rss_before_decode_kib": before}))
+    print(json.dumps({"which": which, "load_peak_kib": load_peak, "decode_peak_kib": rss_high_water_kib()}))
 
 
 def rss_in_subprocess(which, batch, T, k, threads):
@@ -194,7 +214,8 @@ def main(argv=None):
     B, K = args.batch, args.k
     model, tok, statements, adapters, weights = setup(B, K)
     print(f"bench: {assets.DEFAULT_GENERATOR}, float32, B={B}, K={K}, T={args.tokens}, "
-          f"threads={torch.get_num_threads()}, repeats={args.repeats}")
+          f"threads={torch.get_num_threads()}, repeats={args.repeats}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
     # warm-up: first calls pay for kernel selection and allocator growth, which is not decoding cost
     for fn in variants(model, tok, statements, adapters, weights, 2, args.skip_full).values():
@@ -234,10 +255,10 @@ def main(argv=None):
     T_mem = max(args.tokens)
     single = rss_in_subprocess("single", B, T_mem, K, args.threads)
     ensemble = rss_in_subprocess("ensemble", B, T_mem, K, args.threads)
-    memory = {"tokens": T_mem, "single_peak_kib": single["peak_rss_kib"], "ensemble_peak_kib": ensemble["peak_rss_kib"],
-              "single_before_decode_kib": single["rss_before_decode_kib"],
-              "ensemble_before_decode_kib": ensemble["rss_before_decode_kib"],
-              "ratio": ensemble["peak_rss_kib"] / single["peak_rss_kib"]}
+    memory = {"tokens": T_mem, "single_decode_peak_kib": single["decode_peak_kib"],
+              "ensemble_decode_peak_kib": ensemble["decode_peak_kib"],
+              "single_load_peak_kib": single["load_peak_kib"], "ensemble_load_peak_kib": ensemble["load_peak_kib"],
+              "ratio": ensemble["decode_peak_kib"] / single["decode_peak_kib"]}
 
     # ------------------------------------------------------------------------------------------------------
     # report
@@ -258,15 +279,15 @@ def main(argv=None):
         print(f"  tokens identical ({' = '.join(run['compared'])}): {'yes' if run['tokens_identical'] else 'no'}")
         print(f"  sample (ours, row 0): {run['sample'][:100]!r}")
     mib = lambda kib: kib / 1024
-    print(f"\npeak RSS at T = {T_mem} (fresh process, load included): single {mib(memory['single_peak_kib']):.0f} MiB, "
-          f"ensemble {mib(memory['ensemble_peak_kib']):.0f} MiB, ratio {memory['ratio']:.2f} "
-          f"(target <= {TARGETS['rss_ratio']})")
-    print(f"  (before decoding: single {mib(memory['single_before_decode_kib']):.0f} MiB, "
-          f"ensemble {mib(memory['ensemble_before_decode_kib']):.0f} MiB)")
+    print(f"\npeak RSS while decoding T = {T_mem} (fresh process, weights included): "
+          f"single {mib(memory['single_decode_peak_kib']):.0f} MiB, ensemble {mib(memory['ensemble_decode_peak_kib']):.0f} "
+          f"MiB, ratio {memory['ratio']:.2f} (target <= {TARGETS['rss_ratio']})")
+    print(f"  (peak while loading the checkpoint, not counted: single {mib(memory['single_load_peak_kib']):.0f} MiB, "
+          f"ensemble {mib(memory['ensemble_load_peak_kib']):.0f} MiB)")
     print(f"tokens identical: {'yes' if identical else 'no'}")
 
     result = {"model": assets.DEFAULT_GENERATOR, "batch": B, "k": K, "threads": torch.get_num_threads(),
-              "repeats": args.repeats, "runs": runs, "memory": memory, "tokens_identical": identical,
+              "repeats": args.repeats, "load_average": os.getloadavg()[0], "runs": runs, "memory": memory, "tokens_identical": identical,
               "targets": TARGETS}
     if args.json:
         write_json(args.json, result)

@@ -154,7 +154,7 @@ def _save_atomic(obj, path: Path):
 def load_or_train_classifiers(data_dir, encoder, tok, encoder_name, seed, cache_dir):
     """{label: Classifier} for the LEARNED objectives, read from cache_dir or trained on the train split."""
     train_file = Path(data_dir) / "train.jsonl"
-    records = None
+    records = assets.load_split("train", data_dir)  # parsed even on a cache hit: a clear error if it is missing
     classifiers = {}
     for label in LEARNED:
         path = Path(cache_dir) / (classifier_key(train_file, encoder_name, seed, label) + ".pt")
@@ -164,8 +164,6 @@ def load_or_train_classifiers(data_dir, encoder, tok, encoder_name, seed, cache_
             clf.load_state_dict(saved["state_dict"])
             classifiers[label] = clf.requires_grad_(False).eval()
             continue
-        if records is None:
-            records = assets.load_split("train", data_dir)
         statements, responses, labels = labelled_pairs(records, label)
         print(f"training the {label} classifier on {len(labels)} (statement, response) pairs from {train_file}",
               file=sys.stderr)
@@ -400,12 +398,12 @@ def ranking_accuracy(rm, records, label):
     return float(np.mean(per_statement)) if per_statement else float("nan")
 
 
-def scores_by_level(rm, records, label="reflection"):
+def scores_by_level(rm, records, label="reflection", objectives=OBJECTIVES):
     """{level: {objective: mean score}} over the responses grouped by their `label` level (0, 1, 2)."""
     rows = [(r["prompt"], x["text"], x[label]) for r in records for x in r["responses"] if x.get(label) is not None]
-    scores = rm.score([p for p, _, _ in rows], [t for _, t, _ in rows])
+    scores = rm.score([p for p, _, _ in rows], [t for _, t, _ in rows], objectives)
     levels = np.array([lv for _, _, lv in rows])
-    return {lv: {o: float(scores[o][levels == lv].mean()) for o in OBJECTIVES} for lv in sorted(set(levels.tolist()))}
+    return {lv: {o: float(scores[o][levels == lv].mean()) for o in objectives} for lv in sorted(set(levels.tolist()))}
 
 
 if __name__ == "__main__":

@@ -218,7 +218,7 @@ def test_metrics_ranges(rm):
 def test_reflection_model_learns_its_training_data(rm, data_dir):
     records = assets.load_split("train", data_dir)
     assert rewards.ranking_accuracy(rm, records, "reflection") >= 0.8
-    means = rewards.scores_by_level(rm, records)
+    means = rewards.scores_by_level(rm, records, "reflection", ("reflection",))
     assert means[2]["reflection"] > means[1]["reflection"] > means[0]["reflection"]
 
 
