@@ -144,6 +144,8 @@ def _decode_batch(model, tok, statements, adapters, w, level, max_new_tokens, gr
                 done |= torch.isin(y, eos)
                 if done.all():
                     break
+            if t == max_new_tokens - 1:
+                break                                                     # no forward for a token never used
             mask = torch.cat([mask, torch.ones(S * B, 1, dtype=mask.dtype)], 1)
             last_pos = last_pos + 1
             out = model.base_model(input_ids=y.repeat(S)[:, None], attention_mask=mask,

@@ -16,8 +16,8 @@ Variants, all greedy, all decoding exactly T tokens per row (EOS ignored / forbi
 Throughput counts output tokens: B T / seconds (the ensemble outputs B T tokens, not K B T).
 Peak memory: the single decode and the ensemble decode each run in a fresh process (`--measure-rss`), which
 reports its peak resident set size while decoding (VmHWM, KiB, reset after loading, see `reset_peak_rss`), the
-resident weights, torch and the KV caches included; and the whole-process peak (getrusage ru_maxrss), which is
-the loading transient.
+resident weights (memory-mapped, so they become resident at the first forward), torch and the KV caches
+included.
 
 Legend: K models, B statements, P prompt tokens, T new tokens, D hidden size.
 
@@ -28,12 +28,13 @@ Notes:
      machine compare the ratios, not the seconds. When other processes hold the cores, torch's default of one
      thread per core can be ten times slower than --threads 1 (threads wait on each other); the header prints
      the load average for that reason.
+  3. ensemble_generate runs one forward more than the others (its loop feeds the last token back before it
+     checks the length), 1/T of its time; the other loops stop after choosing the last token.
 """
 import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -135,14 +136,10 @@ def setup(batch, k):
     return model, tok, statements, adapters, [1.0 / k] * k
 
 
-def peak_rss_kib():
-    """Peak resident set size of the process so far (KiB on Linux), over all its threads, dead ones included."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def rss_high_water_kib():
-    """Peak RSS since the last `reset_peak_rss` (VmHWM, KiB). ru_maxrss cannot be reset: it also keeps the peak
-    recorded when any thread exits, and the loader's threads exit after the load."""
+    """Peak RSS of this process since its start or the last `reset_peak_rss` (VmHWM, KiB). Not getrusage's
+    ru_maxrss: across fork + exec that keeps the parent's peak, so a child of the benchmark (1 GB resident)
+    would report at least 1 GB whatever it does."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
@@ -150,16 +147,15 @@ def rss_high_water_kib():
 
 
 def reset_peak_rss():
-    """Restart the high-water mark (Linux >= 4.0: write 5 to clear_refs). Without it, the peak would be the
-    transient of loading the checkpoint (about twice the weights), the same for both decodes, and the ratio
-    would say nothing about decoding."""
+    """Restart the high-water mark (Linux >= 4.0: write 5 to clear_refs), so that the number is the decode's own
+    peak and not a transient of loading, which is the same for both decodes and would hide their difference."""
     Path("/proc/self/clear_refs").write_text("5")
 
 
 def measure_rss(which, batch, T, k):
     """Runs in a fresh process: load, reset the peak, one decode, then print the peaks as a JSON line."""
     model, tok, statements, adapters, weights = setup(batch, k if which == "ensemble" else 1)
-    load_peak = peak_rss_kib()
+    before_peak = rss_high_water_kib()
     gc.collect()
     reset_peak_rss()
     if which == "single":
@@ -167,7 +163,7 @@ def measure_rss(which, batch, T, k):
     else:
         ensemble_generate(model, tok, statements, adapters, weights, level="hidden", max_new_tokens=T,
                           ignore_eos=True, batch_size=batch)
-    print(json.dumps({"which": which, "load_peak_kib": load_peak, "decode_peak_kib": rss_high_water_kib()}))
+    print(json.dumps({"which": which, "before_peak_kib": before_peak, "decode_peak_kib": rss_high_water_kib()}))
 
 
 def rss_in_subprocess(which, batch, T, k, threads):
@@ -250,14 +246,14 @@ def main(argv=None):
         runs.append(run)
 
     # ------------------------------------------------------------------------------------------------------
-    # peak memory, each decode in its own fresh process (ru_maxrss never goes down within one process)
+    # peak memory, each decode in its own fresh process (a process's peak never goes down: no sharing)
     print("  peak memory: single and ensemble decode in fresh processes ...", flush=True)
     T_mem = max(args.tokens)
     single = rss_in_subprocess("single", B, T_mem, K, args.threads)
     ensemble = rss_in_subprocess("ensemble", B, T_mem, K, args.threads)
     memory = {"tokens": T_mem, "single_decode_peak_kib": single["decode_peak_kib"],
               "ensemble_decode_peak_kib": ensemble["decode_peak_kib"],
-              "single_load_peak_kib": single["load_peak_kib"], "ensemble_load_peak_kib": ensemble["load_peak_kib"],
+              "single_before_peak_kib": single["before_peak_kib"], "ensemble_before_peak_kib": ensemble["before_peak_kib"],
               "ratio": ensemble["decode_peak_kib"] / single["decode_peak_kib"]}
 
     # ------------------------------------------------------------------------------------------------------
@@ -280,15 +276,28 @@ def main(argv=None):
         print(f"  sample (ours, row 0): {run['sample'][:100]!r}")
     mib = lambda kib: kib / 1024
     print(f"\npeak RSS while decoding T = {T_mem} (fresh process, weights included): "
-          f"single {mib(memory['single_decode_peak_kib']):.0f} MiB, ensemble {mib(memory['ensemble_decode_peak_kib']):.0f} "
-          f"MiB, ratio {memory['ratio']:.2f} (target <= {TARGETS['rss_ratio']})")
-    print(f"  (peak while loading the checkpoint, not counted: single {mib(memory['single_load_peak_kib']):.0f} MiB, "
-          f"ensemble {mib(memory['ensemble_load_peak_kib']):.0f} MiB)")
+          f"single {mib(memory['single_decode_peak_kib']):.0f} MiB, "
+          f"ensemble {mib(memory['ensemble_decode_peak_kib']):.0f} MiB, "
+          f"ratio {memory['ratio']:.2f} (target <= {TARGETS['rss_ratio']})")
+    print(f"  (peak before decoding, torch + model as loaded: single {mib(memory['single_before_peak_kib']):.0f} MiB, "
+          f"ensemble {mib(memory['ensemble_before_peak_kib']):.0f} MiB)")
+
+    print(f"\nsummary: B = {B}, K = {K}, seconds; ratios of ours to {K} x single, to single, full recompute / ours")
+    print(f"  {'T':>4}{'single':>8}{'ours':>8}{'seq':>8}{'full':>8}{'ours/Kx1':>10}{'ours/1':>8}{'full/ours':>10}"
+          f"{'same':>6}")
+    for run in runs:
+        s = run["seconds"]
+        full = f"{s['full']:>8.1f}" if "full" in s else f"{'-':>8}"
+        speedup = f"{run['full_speedup']:>10.1f}" if run["full_speedup"] is not None else f"{'-':>10}"
+        print(f"  {run['tokens']:>4}{s['single']:>8.1f}{s['ours']:>8.1f}{s['sequential']:>8.1f}{full}"
+              f"{run['ours_vs_k_single']:>10.2f}{run['ours_vs_single']:>8.2f}{speedup}"
+              f"{'yes' if run['tokens_identical'] else 'no':>6}")
+    print(f"  peak RSS ensemble / single = {memory['ratio']:.2f}")
     print(f"tokens identical: {'yes' if identical else 'no'}")
 
     result = {"model": assets.DEFAULT_GENERATOR, "batch": B, "k": K, "threads": torch.get_num_threads(),
-              "repeats": args.repeats, "load_average": os.getloadavg()[0], "runs": runs, "memory": memory, "tokens_identical": identical,
-              "targets": TARGETS}
+              "repeats": args.repeats, "load_average": os.getloadavg()[0], "runs": runs, "memory": memory,
+              "tokens_identical": identical, "targets": TARGETS}
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")
