@@ -52,7 +52,7 @@ class Config:
     lora_alpha: float = 32.0         # alpha
     lora_dropout: float = 0.05
     # --- RL: PPO with a KL penalty (rl.py) ---
-    steps: int = 12                  # step limit per run (runs stop earlier when validation converges)
+    steps: int = 10                  # step limit per run (runs stop earlier when validation converges)
     batch_size: int = 4              # B statements per step (authors: 16)
     n_samples: int = 3               # N samples per statement for the group baseline (authors: k = 3)
     ppo_epochs: int = 2              # PPO epochs per rollout
@@ -62,15 +62,15 @@ class Config:
     max_new_tokens: int = 20         # T, new tokens per response in training (authors: 64)
     temperature: float = 1.0         # sampling temperature of rollouts (authors: 1.0)
     grad_clip: float = 2.0           # gradient-norm clip (authors: 2.0)
-    val_every: int = 3               # validate every n steps (authors: 8)
+    val_every: int = 2               # validate every n steps (authors: 8)
     val_size: int = 16               # validation statements per validation (0 = all)
     conv_window: int = 4             # W, validation means in the convergence window (authors: 20)
     conv_threshold: float = 0.015    # convergence when std/mean of the last W < this (authors: 0.015)
     exp3_gamma: float = 0.1          # gamma, Exp3 exploration rate (DynaOpt)
     # --- weight search (search.py) ---
     points_per_axis: int = 3         # grid points per axis (paper: 3)
-    search_iterations: int = 3       # refinements (paper: 5, final spacing 1/32; 3 gives 1/8)
-    search_size: int = 8             # validation statements decoded per search evaluation (0 = all)
+    search_iterations: int = 2       # refinements (paper: 5, final spacing 1/32; 2 gives 1/4)
+    search_size: int = 6             # validation statements decoded per search evaluation (0 = all)
     # --- evaluation (eval.py) ---
     test_size: int = 0               # test statements (0 = all)
     longform_size: int = 12          # long-message test statements (0 = all)
