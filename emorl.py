@@ -418,6 +418,8 @@ def main(argv=None):
     cfg = make_config(args)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if args.command in ("train", "search", "eval") or args.all:
+        run_dir(cfg)                         # refuse a run folder of another base model before loading anything
     if args.all:
         return run_all(cfg)
     if args.command == "train":
