@@ -28,8 +28,6 @@ Notes:
      machine compare the ratios, not the seconds. When other processes hold the cores, torch's default of one
      thread per core can be ten times slower than --threads 1 (threads wait on each other); the header prints
      the load average for that reason.
-  3. ensemble_generate runs one forward more than the others (its loop feeds the last token back before it
-     checks the length), 1/T of its time; the other loops stop after choosing the last token.
 """
 import argparse
 import gc

@@ -256,6 +256,10 @@ def stage_eval(cfg, model=None, tok=None, rm=None):
             raise SystemExit(f"error: {d} is missing; run: python emorl.py train --method {method} --run {cfg.run}")
         return json.loads((d / "summary.json").read_text())
 
+    for s in seeds:   # say what to run first: training before the searches
+        for m in METHODS:
+            summary(m, s)
+
     def cost(values):
         return {"mean": float(np.mean(values)), "std": float(np.std(values))}
 
@@ -415,6 +419,10 @@ def main(argv=None):
         raise SystemExit("error: give a command or --all")
     if args.command is not None and args.command not in COMMANDS:
         raise SystemExit(f"error: unknown command {args.command!r}; known: {', '.join(COMMANDS)}, or --all")
+    if args.method and args.method not in METHODS:
+        raise SystemExit(f"error: unknown method {args.method!r}; known: {', '.join(METHODS)}")
+    if args.level and args.level not in LEVELS:
+        raise SystemExit(f"error: unknown level {args.level!r}; known: {', '.join(LEVELS)}")
     cfg = make_config(args)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
