@@ -34,7 +34,6 @@ Departures from the authors' code (engineerkong/EMORL):
   4. Weights are used as searched, not normalised (as in the paper); only the logit mixture normalises, since
      it must be a distribution.
 """
-import math
 
 import torch
 from transformers import DynamicCache

@@ -4,7 +4,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import assets
-from lora import add_lora, get_adapter, lora_layers
+from lora import add_lora, lora_layers
 
 
 @pytest.fixture(scope="session")

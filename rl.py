@@ -25,7 +25,6 @@ Departures from the paper and the authors' code (engineerkong/EMORL):
      one arm (objective) is drawn and rewarded with its validation gain, mapped to [0, 1].
 """
 import json
-import math
 import random
 import time
 from pathlib import Path
