@@ -38,7 +38,7 @@ Departures from the authors' code (engineerkong/EMORL):
 import torch
 from transformers import DynamicCache
 
-from lora import lora_stacked, set_adapter
+from lora import for_inference, lora_stacked, set_adapter
 from rl import encode, eos_ids
 
 LEVELS = ("hidden", "logit", "parameter")
@@ -89,7 +89,7 @@ def check_weights(weights, k):
 # ----------------------------------------------------------------------------------------------------------
 # the decoder
 
-@torch.no_grad()
+@for_inference
 def ensemble_generate(model, tok, statements, adapters, weights, level="hidden", max_new_tokens=32, greedy=True,
                       temperature=1.0, top_p=1.0, seed=0, ignore_eos=False, batch_size=32):
     """Decode the statements with K adapters combined at `level`. Returns (texts, token lists without EOS)."""
@@ -161,7 +161,7 @@ def _decode_batch(model, tok, statements, adapters, w, level, max_new_tokens, gr
 # ----------------------------------------------------------------------------------------------------------
 # the authors' loop, kept as the reference for tests and the benchmark
 
-@torch.no_grad()
+@for_inference
 def generate_full_recompute(model, tok, statements, adapters, weights, max_new_tokens=32, ignore_eos=False):
     """Greedy hidden-state aggregation the way the authors' code does it: at every step, every model re-runs
     the whole prefix (no cache). Quadratic in length; only for checking and timing the cached decoder."""

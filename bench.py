@@ -43,7 +43,7 @@ from transformers import DynamicCache
 
 import assets
 from aggregate import aggregate_hidden, check_weights, ensemble_generate, generate_full_recompute
-from lora import add_lora, lora_layers, set_adapter, write_json
+from lora import add_lora, for_inference, lora_layers, set_adapter, write_json
 from rl import encode, eos_ids
 
 TARGETS = {"ours_vs_k_single": 1.1, "full_speedup_at_64": 15.0, "rss_ratio": 1.3}
@@ -62,7 +62,7 @@ def bench_adapters(model, k, seed=0, scale=0.02):
     return out
 
 
-@torch.no_grad()
+@for_inference
 def single_generate(model, tok, statements, adapter, max_new_tokens):
     """One fine-tuned model, HF generate, greedy, exactly T tokens per row. -> (B, T) token lists"""
     set_adapter(model, adapter)
@@ -73,7 +73,7 @@ def single_generate(model, tok, statements, adapter, max_new_tokens):
     return out[:, ids.shape[1]:].tolist()
 
 
-@torch.no_grad()
+@for_inference
 def sequential_generate(model, tok, statements, adapters, weights, max_new_tokens):
     """Greedy hidden-state aggregation with one KV cache per model, the K models run one after another at every
     step (the obvious cached loop; ensemble_generate stacks them into one batch instead). EOS is not a stop.
@@ -123,6 +123,13 @@ def variants(model, tok, statements, adapters, weights, T, skip_full):
 
 # ----------------------------------------------------------------------------------------------------------
 # setup and memory
+
+def agreement(a, b):
+    """How far two greedy decodes (lists of B token lists) agree: rows identical, and per row the number of
+    tokens before the first difference (T where the row is identical)."""
+    first = [next((t for t, (x, y) in enumerate(zip(ra, rb)) if x != y), len(ra)) for ra, rb in zip(a, b)]
+    return {"rows_identical": sum(f == len(r) for f, r in zip(first, a)), "rows": len(a), "first_difference": first}
+
 
 def setup(batch, k):
     """The default generator with LoRA layers, K random adapters, equal weights and B test statements."""
@@ -240,6 +247,7 @@ def main(argv=None):
                "sequential_vs_ours": seconds["sequential"] / seconds["ours"],
                "full_speedup": seconds["full"] / seconds["ours"] if "full" in seconds else None,
                "tokens_identical": same, "compared": compared,
+               "agreement": {n: agreement(tokens["ours"], tokens[n]) for n in compared if n != "ours"},
                "sample": tok.decode(tokens["ours"][0], skip_special_tokens=True).strip()}
         runs.append(run)
 
@@ -271,6 +279,9 @@ def main(argv=None):
             target = f" (target >= {TARGETS['full_speedup_at_64']:.0f}x at 64 tokens)" if T == 64 else ""
             print(f"  speedup over full recompute = {run['full_speedup']:.1f}x{target}")
         print(f"  tokens identical ({' = '.join(run['compared'])}): {'yes' if run['tokens_identical'] else 'no'}")
+        for n, a in run["agreement"].items():
+            print(f"    {n} vs ours: {a['rows_identical']}/{a['rows']} rows identical; "
+                  f"tokens before the first difference, per row: {a['first_difference']}")
         print(f"  sample (ours, row 0): {run['sample'][:100]!r}")
     mib = lambda kib: kib / 1024
     print(f"\npeak RSS while decoding T = {T_mem} (fresh process, weights included): "

@@ -18,6 +18,7 @@ Adapters are saved as `adapter_config.json` + `adapter_model.safetensors` with P
 Departures from the paper / authors' code:
   1. Hand-written instead of peft, for reading; numerically the same update.
 """
+import functools
 import json
 import math
 import os
@@ -57,7 +58,10 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 32, dropout: float = 0.05, seed: int = 0):
-    """Freeze the model and wrap every nn.Linear except the LM head; returns the wrapped module names."""
+    """Freeze the model and wrap every nn.Linear except the LM head; returns the wrapped module names.
+    The model keeps its train/eval mode: new modules start in train mode, which would switch LoRA dropout on
+    in a model loaded for inference."""
+    training = model.training
     for p in model.parameters():
         p.requires_grad_(False)
     head = model.get_output_embeddings()
@@ -69,6 +73,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 32, dropout: float = 0
             parent, _, child = name.rpartition(".")
             holder = model.get_submodule(parent) if parent else model
             setattr(holder, child, LoRALinear(getattr(holder, child), r, alpha, dropout))
+    model.train(training)
     model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "targets": targets}
     return targets
 
@@ -98,6 +103,26 @@ def set_adapter(model, adapter: dict):
                                  f"vs {tuple(m.lora_A.shape)}, {tuple(m.lora_B.shape)} (trained on another base model?)")
             m.lora_A.copy_(A)
             m.lora_B.copy_(B)
+
+
+@contextmanager
+def evaluating(model):
+    """Eval mode (no LoRA dropout) inside the block, the caller's mode restored after: for decoding."""
+    training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(training)
+
+
+def for_inference(fn):
+    """Decorator for a decoding function whose first argument is the model: no gradients, eval mode."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        with torch.no_grad(), evaluating(model):
+            return fn(model, *args, **kwargs)
+    return wrapper
 
 
 @contextmanager

@@ -34,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 from assets import chat_prompt
-from lora import get_adapter, lora_disabled, lora_parameters, load_adapter, save_adapter, set_adapter, write_json
+from lora import (for_inference, get_adapter, load_adapter, lora_disabled, lora_parameters, save_adapter, set_adapter,
+                  write_json)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def token_logprobs(model, ids, mask, P):
     return torch.log_softmax(logits.float(), -1).gather(-1, ids[:, P:, None]).squeeze(-1)
 
 
-@torch.no_grad()
+@for_inference
 def validate(model, tok, reward_fn, statements, objectives, max_new_tokens, batch_size=16):
     """Greedy responses to the validation statements; mean score per objective."""
     texts = []

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from aggregate import aggregate_hidden, ensemble_generate, generate_full_recompute, mix_probs, top_p_filter
-from conftest import STATEMENTS, random_adapters
-from lora import lora_stacked, merged_weights, lora_layers, set_adapter
+from conftest import STATEMENTS, random_adapters, tiny_llama
+from lora import add_lora, lora_stacked, merged_weights, lora_layers, set_adapter
 from rl import encode
 
 
@@ -138,3 +138,24 @@ def test_bad_input(tiny, tok):
     wrong = {n: (A[:, :-1], B) for n, (A, B) in adapters[0].items()}   # another base's shapes
     with pytest.raises(ValueError, match="another base model"):
         ensemble_generate(tiny, tok, STATEMENTS, [wrong, adapters[1]], [1.0, 1.0])
+
+
+def test_decoding_runs_without_dropout_whatever_the_mode(tok):
+    """LoRA dropout must never act while decoding: add_lora keeps a loaded model in eval mode, and the decoders
+    give the same tokens when the caller left the model in train mode (and give that mode back)."""
+    model = tiny_llama(tok)
+    add_lora(model, r=4, alpha=8, dropout=0.5)
+    model.double()
+    assert not any(m.training for m in model.modules())
+    adapters = random_adapters(model, 2, seed=3)
+    w = [0.6, 0.4]
+    hidden = ensemble_generate(model, tok, STATEMENTS, adapters, w, "hidden", max_new_tokens=8)[1]
+    full = generate_full_recompute(model, tok, STATEMENTS, adapters, w, max_new_tokens=8)[1]
+    model.train()
+    set_adapter(model, adapters[0])
+    ids, mask = encode(tok, STATEMENTS[:1])
+    with torch.no_grad():   # dropout does act in train mode, so the checks below can fail
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert ensemble_generate(model, tok, STATEMENTS, adapters, w, "hidden", max_new_tokens=8)[1] == hidden
+    assert generate_full_recompute(model, tok, STATEMENTS, adapters, w, max_new_tokens=8)[1] == full
+    assert all(m.training for m in model.modules())
