@@ -69,8 +69,8 @@ class Config:
     exp3_gamma: float = 0.1          # gamma, Exp3 exploration rate (DynaOpt)
     # --- weight search (search.py) ---
     points_per_axis: int = 3         # grid points per axis (paper: 3)
-    search_iterations: int = 2       # refinements (paper: 5, final spacing 1/32; 2 gives 1/4)
-    search_size: int = 6             # validation statements decoded per search evaluation (0 = all)
+    search_iterations: int = 1       # grid levels (paper: 5, final spacing 1/32; 1 is the grid {0, 0.5, 1})
+    search_size: int = 12            # validation statements decoded per search evaluation (0 = all)
     # --- evaluation (eval.py) ---
     test_size: int = 0               # test statements (0 = all)
     longform_size: int = 12          # long-message test statements (0 = all)

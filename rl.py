@@ -271,7 +271,10 @@ def train(model, tok, reward_fn, train_statements, valid_statements, out_dir, *,
                 arm = bandit.pull()
             state["last_val"] = v
             state["seconds"] += time.perf_counter() - t1
-            if converged(state["val_history"], conv_window, conv_threshold):
+            # the window holds trained policies only: the base policy's score (step 0) is where training
+            # started, not part of a plateau (with it, a flat objective such as fluency "converged" at step 6
+            # of the default preset before its first gain, which came at step 8)
+            if converged(state["val_history"][1:], conv_window, conv_threshold):
                 state["converged_at"] = state["step"]
             row.update({f"val_{k}": x for k, x in v.items()}, val_mean=state["val_history"][-1])
             _append_log(log_path, row)

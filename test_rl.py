@@ -194,6 +194,19 @@ def test_same_seed_same_adapter(tok, tmp_path):
     assert any(adapters[0][n][1].abs().sum() > 0 for n in adapters[0])   # it did train
 
 
+def test_convergence_window_counts_trained_validations_only(tok, tmp_path):
+    """A constant reward is converged as soon as the window is full; the window must not count step 0 (the
+    untrained policy), so with W = 2 and a validation every step the run stops at step 2, not 1."""
+    model = tiny_llama(tok)
+    add_lora(model, r=4, alpha=8)
+    model.double()
+    constant = lambda prompts, texts, objectives: {k: np.full(len(texts), 0.5) for k in objectives}
+    s = rl.train(model, tok, constant, STATEMENTS * 2, STATEMENTS[:2], tmp_path, weights={"reflection": 1.0},
+                 steps=5, batch_size=2, n_samples=2, max_new_tokens=4, val_every=1, conv_window=2, seed=0,
+                 progress=False)
+    assert s["converged_at"] == 2 and s["steps"] == 2 and s["data_points"] == 4
+
+
 @pytest.mark.parametrize("strategy", ["fixed", "dynaopt"])
 def test_interrupted_run_resumes_and_matches(tok, tmp_path, monkeypatch, strategy):
     weights = {"reflection": 0.5, "empathy": 0.5}
