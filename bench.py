@@ -1,7 +1,7 @@
 """Benchmark of the ensemble decoder (paper Sec. 3.2, "efficient" in EMORL): what decoding with K aggregated
 models costs next to one model, next to K models run one after another, and next to the authors' uncached loop.
 
-Run:  python bench.py                   (batch 8, 32 and 64 new tokens, K = 3; about 10-15 minutes on a 2-core CPU,
+Run:  python bench.py                   (batch 8, 32 and 64 new tokens, K = 3; about 7 minutes on a quiet 2-core CPU,
                                           most of it the full-recompute loop)
       python bench.py --skip-full       (minutes less: without the authors' loop)
       python bench.py --quick           (smoke test: batch 2, 8 tokens)

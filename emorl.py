@@ -83,9 +83,9 @@ PRESETS = {
     "tiny": dict(steps=2, batch_size=2, n_samples=2, ppo_epochs=1, max_new_tokens=8, val_every=1, val_size=3,
                  conv_window=2, points_per_axis=2, search_iterations=1, search_size=2, test_size=3,
                  longform_size=2, eval_tokens=8),
-    # a few minutes on 2 cores
-    "quick": dict(steps=4, max_new_tokens=16, val_every=2, val_size=8, conv_window=3, search_iterations=2,
-                  search_size=4, test_size=8, longform_size=4, eval_tokens=16),
+    # a first look, about 10 minutes on 2 cores: 8 small steps per run, as many updates as the default's first 8
+    "quick": dict(steps=8, batch_size=2, max_new_tokens=16, val_every=2, val_size=8, conv_window=3,
+                  search_iterations=1, search_size=8, test_size=8, longform_size=4, eval_tokens=16),
     # about half an hour on 2 cores
     "default": {},
     # the paper's / authors' settings, for a GPU (their base model was T5-base: pass --model)
@@ -93,8 +93,9 @@ PRESETS = {
                   val_size=0, conv_window=20, conv_threshold=0.015, search_iterations=5, search_size=0,
                   test_size=0, longform_size=0, eval_tokens=64),
 }
-# fields whose change makes a run folder's existing outputs stale
-RUN_IDENTITY = ("model", "encoder", "data_dir", "seed", "lora_r", "lora_alpha", "preset")
+# fields a run folder's outputs do not depend on (evaluation is redone on every call); every other field must
+# match the folder's config.json, so that no stage silently reuses outputs made with other settings
+RUN_FREE = ("run", "seeds", "threads", "test_size", "longform_size")
 
 
 def make_config(args) -> Config:
@@ -105,19 +106,25 @@ def make_config(args) -> Config:
         v = getattr(args, f.name, None)
         if v is not None:
             setattr(cfg, f.name, v)
+    if getattr(args, "run", None) is None:
+        cfg.run = cfg.preset                          # runs/quick for --preset quick, unless --run says otherwise
     return cfg
 
 
 def run_dir(cfg, create=True) -> Path:
-    """runs/<run>/ with config.json; refuses a folder made with another base model or data."""
+    """runs/<run>/ with config.json; refuses a folder made with other settings (another base model, data,
+    preset or any flag its outputs depend on)."""
     path = Path("runs") / cfg.run
     saved = path / "config.json"
     if saved.exists():
         old = json.loads(saved.read_text())
-        diff = [k for k in RUN_IDENTITY if old.get(k) != getattr(cfg, k)]
+        diff = [f.name for f in dataclasses.fields(Config)
+                if f.name not in RUN_FREE and old.get(f.name, f.default) != getattr(cfg, f.name)]
         if diff:
-            raise SystemExit(f"error: run folder {path} was made with other settings ({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); "
-                             f"pass the same settings, or use another folder with --run NEW_NAME")
+            changes = ", ".join(f"{k}: {old.get(k)!r} there, {getattr(cfg, k)!r} now" for k in diff)
+            raise SystemExit(f"error: run folder {path} was made with other settings ({changes}); its outputs "
+                             f"would not match. Pass the same settings, use another folder with --run NEW_NAME, "
+                             f"or delete {path} to start over")
     elif create:
         path.mkdir(parents=True, exist_ok=True)
         write_json(saved, dataclasses.asdict(cfg))

@@ -87,6 +87,8 @@ def test_cli_bad_input(tiny_run, tmp_path):
     assert p.returncode != 0 and "unknown preset 'huge'" in p.stderr and "tiny" in p.stderr
     p = cli("search", "--preset", "tiny", "--run", "t", "--model", "some/other-model", cwd=cwd)
     assert p.returncode != 0 and "made with other settings" in p.stderr and "--run" in p.stderr
+    p = cli("search", "--preset", "tiny", "--run", "t", "--search-size", "5", cwd=cwd)   # would reuse stale output
+    assert p.returncode != 0 and "search_size: 2 there, 5 now" in p.stderr
     p = cli("generate", "--preset", "tiny", "--run", "t", "--prompt", "hi", "--weights", "0.5,0.5", cwd=cwd)
     assert p.returncode != 0 and "2 weights given for 3 objectives" in p.stderr
     wfile = tmp_path / "w.json"

@@ -194,6 +194,20 @@ def test_same_seed_same_adapter(tok, tmp_path):
     assert any(adapters[0][n][1].abs().sum() > 0 for n in adapters[0])   # it did train
 
 
+def test_training_does_not_depend_on_the_models_prior_mode(tok, tmp_path):
+    """The same seed gives the same adapter whether the model comes fresh from add_lora or was left in train mode
+    by earlier work in the process (the step-0 validation must not draw dropout masks from the random stream)."""
+    adapters = []
+    for i, mode in enumerate([False, True]):
+        model = tiny_llama(tok)
+        add_lora(model, r=4, alpha=8, dropout=0.3)
+        model.double().train(mode)
+        run_train(model, tok, tmp_path / f"m{i}")
+        adapters.append(get_adapter(model))
+    for n in adapters[0]:
+        assert torch.equal(adapters[0][n][1], adapters[1][n][1])
+
+
 def test_convergence_window_counts_trained_validations_only(tok, tmp_path):
     """A constant reward is converged as soon as the window is full; the window must not count step 0 (the
     untrained policy), so with W = 2 and a validation every step the run stops at step 2, not 1."""
