@@ -67,6 +67,7 @@ class Config:
     conv_window: int = 4             # W, validation means in the convergence window (authors: 20)
     conv_threshold: float = 0.015    # convergence when std/mean of the last W < this (authors: 0.015)
     exp3_gamma: float = 0.1          # gamma, Exp3 exploration rate (DynaOpt)
+    keep_best: bool = True           # keep the adapter of the best validation mean (early stopping), not the last
     # --- weight search (search.py) ---
     points_per_axis: int = 3         # grid points per axis (paper: 3)
     search_iterations: int = 1       # grid levels (paper: 5, final spacing 1/32; 1 is the grid {0, 0.5, 1})
@@ -85,7 +86,7 @@ PRESETS = {
                  longform_size=2, eval_tokens=8),
     # a first look, about 10 minutes on 2 cores: 8 small steps per run, as many updates as the default's first 8
     "quick": dict(steps=8, batch_size=2, max_new_tokens=16, val_every=2, val_size=8, conv_window=3,
-                  search_iterations=1, search_size=8, test_size=8, longform_size=4, eval_tokens=16),
+                  search_iterations=1, search_size=4, test_size=8, longform_size=4, eval_tokens=16),
     # about half an hour on 2 cores
     "default": {},
     # the paper's / authors' settings, for a GPU (their base model was T5-base: pass --model)
@@ -200,7 +201,8 @@ def stage_train(cfg, method, seed, model=None, tok=None, rm=None):
                  n_samples=cfg.n_samples, ppo_epochs=cfg.ppo_epochs, lr=cfg.lr, clip_eps=cfg.clip_eps,
                  kl_coef=cfg.kl_coef, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                  grad_clip=cfg.grad_clip, val_every=cfg.val_every, conv_window=cfg.conv_window,
-                 conv_threshold=cfg.conv_threshold, exp3_gamma=cfg.exp3_gamma, seed=seed, base_model=cfg.model)
+                 conv_threshold=cfg.conv_threshold, exp3_gamma=cfg.exp3_gamma, keep_best=cfg.keep_best, seed=seed,
+                 base_model=cfg.model)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -385,7 +387,8 @@ def run_all(cfg):
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
         for method in METHODS:
             s = stage_train(cfg, method, seed, model, tok, rm)
-            print(f"  trained {method:10s} seed {seed}: val {s['val_start']} -> {s['val_end']}, steps {s['steps']}, "
+            print(f"  trained {method:10s} seed {seed}: val {s['val_start']} -> {s['val_end']} (kept step "
+                  f"{s.get('kept_step', s['steps'])}), steps {s['steps']}, "
                   f"data points {s['data_points']}, {s['seconds']:.0f} s")
     for level in LEVELS:
         r = stage_search(cfg, level, model, tok, rm)

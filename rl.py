@@ -10,6 +10,8 @@ Algorithm (one trainer for all three reward weightings):
       4. PPO epochs: minimise  -mean_t min(r_t A, clip(r_t, 1-eps, 1+eps) A) + beta KL(pi_theta || pi_ref)
       5. every `val_every` steps: greedy decode the validation statements, score, check convergence
          (coefficient of variation of the last W validation means < threshold), checkpoint
+    at the end: keep the adapter of the best validation mean seen after a training step (early stopping's usual
+    rule; `keep_best=False` keeps the last one)
 Cost accounting: data points = statements consumed (the authors count one prompt as one data point), seconds.
 
 Legend: B statements, N samples per statement, P prompt tokens, T new tokens, V vocabulary.
@@ -20,12 +22,14 @@ Departures from the paper and the authors' code (engineerkong/EMORL):
   2. The KL penalty is per sample: the k3 estimator exp(q) - q - 1, q = log pi_ref - log pi_theta, averaged
      over each sample's tokens and added to the loss, so it acts on every sample's gradient. The authors
      multiply one batch-wide KL scalar by advantages that sum to zero, which cancels it.
-  3. Training stops when validation converges (their code sets a flag and trains on).
+  3. Training stops when validation converges (their code sets a flag and trains on), and the adapter kept is
+     the one with the best validation mean, not the last one.
   4. DynaOpt (Min et al. 2024) is written as: reward weights = the Exp3 probabilities; each validation round
      one arm (objective) is drawn and rewarded with its validation gain, mapped to [0, 1].
 """
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -176,12 +180,13 @@ def validate(model, tok, reward_fn, statements, objectives, max_new_tokens, batc
 def train(model, tok, reward_fn, train_statements, valid_statements, out_dir, *, weights: dict, strategy="fixed",
           steps=100, batch_size=8, n_samples=3, ppo_epochs=2, lr=1e-4, clip_eps=0.2, kl_coef=0.05,
           max_new_tokens=32, temperature=1.0, grad_clip=2.0, val_every=4, conv_window=20, conv_threshold=0.015,
-          exp3_gamma=0.1, gain_scale=0.05, seed=0, base_model="", progress=True):
+          exp3_gamma=0.1, gain_scale=0.05, keep_best=True, seed=0, base_model="", progress=True):
     """Train the model's LoRA adapter (model must have add_lora applied) and save it in out_dir.
 
     weights: objective -> w_k (one objective for an ensemble member; all for the baselines).
     strategy: "fixed" (weights as given) or "dynaopt" (weights = Exp3 probabilities, moved each round).
     reward_fn(statements, responses, objectives) -> {objective: array of scores in [0, 1]}.
+    keep_best: keep the adapter with the best validation mean over the trained steps (else the last one).
     Resumes from out_dir's checkpoint if there is one; returns the summary (also written to summary.json).
     """
     # ---- setup ------------------------------------------------------------------------------------------
@@ -194,14 +199,14 @@ def train(model, tok, reward_fn, train_statements, valid_statements, out_dir, *,
     params = lora_parameters(model)
     opt = torch.optim.AdamW(params, lr=lr)
     bandit = Exp3(len(objectives), exp3_gamma, seed) if strategy == "dynaopt" else None
-    state = {"step": 0, "data_points": 0, "seconds": 0.0, "val_history": [], "converged_at": None}
+    state = {"step": 0, "data_points": 0, "seconds": 0.0, "val_history": [], "converged_at": None, "best": None}
     log_path = out_dir / "train_log.jsonl"
     if (out_dir / "checkpoint.pt").exists():                              # resume after an interruption
         ckpt = torch.load(out_dir / "checkpoint.pt", weights_only=False)
         set_adapter(model, load_adapter(out_dir)[0])
         opt.load_state_dict(ckpt["opt"])
         torch.set_rng_state(ckpt["torch_rng"])
-        state = ckpt["state"]
+        state = {"best": None, **ckpt["state"]}
         if bandit:
             bandit.load(ckpt["bandit"])
         _truncate_log(log_path, state["step"])
@@ -255,6 +260,7 @@ def train(model, tok, reward_fn, train_statements, valid_statements, out_dir, *,
         state["step"] += 1
         state["data_points"] += len(batch)
         state["seconds"] += time.perf_counter() - t0
+        state["kl_last"] = float(kl.mean().detach())
         row = {"step": state["step"], "data_points": state["data_points"], "seconds": round(state["seconds"], 3),
                "reward": float(R.mean()), "kl": float(kl.mean().detach()), "loss": float(loss.detach()),
                "weights": {k: round(float(x), 4) for k, x in w.items()},
@@ -279,6 +285,9 @@ def train(model, tok, reward_fn, train_statements, valid_statements, out_dir, *,
             row.update({f"val_{k}": x for k, x in v.items()}, val_mean=state["val_history"][-1])
             _append_log(log_path, row)
             save_adapter(out_dir, get_adapter(model), model.lora_config, base_model)
+            if keep_best and (state["best"] is None or state["val_history"][-1] > state["best"]["val_mean"]):
+                save_adapter(out_dir / "best", get_adapter(model), model.lora_config, base_model)
+                state["best"] = {"step": state["step"], "val_mean": state["val_history"][-1], "val": v}
             _save_checkpoint(out_dir, opt, state, bandit)
         else:
             _append_log(log_path, row)
@@ -287,15 +296,21 @@ def train(model, tok, reward_fn, train_statements, valid_statements, out_dir, *,
     bar.close()
 
     # ---- summary ----------------------------------------------------------------------------------------
+    best = state.get("best")
+    if best is not None:                                                # early stopping: the best adapter
+        set_adapter(model, load_adapter(out_dir / "best")[0])
     summary = {"objectives": objectives, "strategy": strategy, "weights": weights, "steps": state["step"],
                "data_points": state["data_points"], "seconds": round(state["seconds"], 2),
-               "converged_at": state["converged_at"], "val_start": state["val_start"], "val_end": state["last_val"],
-               "kl_last": row["kl"] if state["step"] else 0.0}
+               "converged_at": state["converged_at"], "val_start": state["val_start"],
+               "val_end": best["val"] if best else state["last_val"],     # the validation of the adapter kept
+               "kept_step": best["step"] if best else state["step"], "val_last": state["last_val"],
+               "kl_last": state.get("kl_last", 0.0)}
     if bandit:
         summary["final_weights"] = dict(zip(objectives, bandit.probs().round(4).tolist()))
     save_adapter(out_dir, get_adapter(model), model.lora_config, base_model)
     write_json(out_dir / "summary.json", summary)
     (out_dir / "checkpoint.pt").unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "best", ignore_errors=True)
     return summary
 
 

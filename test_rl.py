@@ -208,6 +208,25 @@ def test_training_does_not_depend_on_the_models_prior_mode(tok, tmp_path):
         assert torch.equal(adapters[0][n][1], adapters[1][n][1])
 
 
+def test_keep_best_keeps_the_adapter_of_the_best_validation(tok, tmp_path):
+    model = tiny_llama(tok)
+    add_lora(model, r=4, alpha=8)
+    model.double()
+    s = run_train(model, tok, tmp_path / "best", steps=4)
+    log = [json.loads(l) for l in (tmp_path / "best" / "train_log.jsonl").read_text().splitlines()]
+    i = int(np.argmax([r["val_mean"] for r in log]))                  # the first maximum, as the trainer keeps
+    assert s["kept_step"] == log[i]["step"] and s["val_end"]["reflection"] == log[i]["val_reflection"]
+    assert s["val_last"]["reflection"] == log[-1]["val_reflection"]
+    kept, saved = get_adapter(model), load_adapter(tmp_path / "best")[0]
+    assert not (tmp_path / "best" / "best").exists()                  # the temporary copy is gone
+    ref = tiny_llama(tok)                                              # same seed, stopped at the kept step
+    add_lora(ref, r=4, alpha=8)
+    ref.double()
+    run_train(ref, tok, tmp_path / "ref", steps=log[i]["step"], keep_best=False)
+    for n, (A, B) in get_adapter(ref).items():
+        assert torch.equal(B, kept[n][1]) and torch.equal(B, saved[n][1].to(B.dtype))
+
+
 def test_convergence_window_counts_trained_validations_only(tok, tmp_path):
     """A constant reward is converged as soon as the window is full; the window must not count step 0 (the
     untrained policy), so with W = 2 and a validation every step the run stops at step 2, not 1."""
