@@ -67,7 +67,7 @@ class Config:
     conv_window: int = 4             # W, validation means in the convergence window (authors: 20)
     conv_threshold: float = 0.015    # convergence when std/mean of the last W < this (authors: 0.015)
     exp3_gamma: float = 0.1          # gamma, Exp3 exploration rate (DynaOpt)
-    keep_best: bool = True           # keep the adapter of the best validation mean (early stopping), not the last
+    keep_best: bool = False          # keep the adapter of the best validation mean instead of the last (see README)
     # --- weight search (search.py) ---
     points_per_axis: int = 3         # grid points per axis (paper: 3)
     search_iterations: int = 1       # grid levels (paper: 5, final spacing 1/32; 1 is the grid {0, 0.5, 1})

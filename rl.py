@@ -10,8 +10,7 @@ Algorithm (one trainer for all three reward weightings):
       4. PPO epochs: minimise  -mean_t min(r_t A, clip(r_t, 1-eps, 1+eps) A) + beta KL(pi_theta || pi_ref)
       5. every `val_every` steps: greedy decode the validation statements, score, check convergence
          (coefficient of variation of the last W validation means < threshold), checkpoint
-    at the end: keep the adapter of the best validation mean seen after a training step (early stopping's usual
-    rule; `keep_best=False` keeps the last one)
+    at the end: the last adapter, or with keep_best the one of the best validation mean after a training step
 Cost accounting: data points = statements consumed (the authors count one prompt as one data point), seconds.
 
 Legend: B statements, N samples per statement, P prompt tokens, T new tokens, V vocabulary.
@@ -22,8 +21,8 @@ Departures from the paper and the authors' code (engineerkong/EMORL):
   2. The KL penalty is per sample: the k3 estimator exp(q) - q - 1, q = log pi_ref - log pi_theta, averaged
      over each sample's tokens and added to the loss, so it acts on every sample's gradient. The authors
      multiply one batch-wide KL scalar by advantages that sum to zero, which cancels it.
-  3. Training stops when validation converges (their code sets a flag and trains on), and the adapter kept is
-     the one with the best validation mean, not the last one.
+  3. Training stops when validation converges (their code sets a flag and trains on). keep_best (off by
+     default) keeps the adapter of the best validation mean instead of the last one.
   4. DynaOpt (Min et al. 2024) is written as: reward weights = the Exp3 probabilities; each validation round
      one arm (objective) is drawn and rewarded with its validation gain, mapped to [0, 1].
 """
@@ -180,7 +179,7 @@ def validate(model, tok, reward_fn, statements, objectives, max_new_tokens, batc
 def train(model, tok, reward_fn, train_statements, valid_statements, out_dir, *, weights: dict, strategy="fixed",
           steps=100, batch_size=8, n_samples=3, ppo_epochs=2, lr=1e-4, clip_eps=0.2, kl_coef=0.05,
           max_new_tokens=32, temperature=1.0, grad_clip=2.0, val_every=4, conv_window=20, conv_threshold=0.015,
-          exp3_gamma=0.1, gain_scale=0.05, keep_best=True, seed=0, base_model="", progress=True):
+          exp3_gamma=0.1, gain_scale=0.05, keep_best=False, seed=0, base_model="", progress=True):
     """Train the model's LoRA adapter (model must have add_lora applied) and save it in out_dir.
 
     weights: objective -> w_k (one objective for an ensemble member; all for the baselines).

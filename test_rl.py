@@ -212,7 +212,7 @@ def test_keep_best_keeps_the_adapter_of_the_best_validation(tok, tmp_path):
     model = tiny_llama(tok)
     add_lora(model, r=4, alpha=8)
     model.double()
-    s = run_train(model, tok, tmp_path / "best", steps=4)
+    s = run_train(model, tok, tmp_path / "best", steps=4, keep_best=True)
     log = [json.loads(l) for l in (tmp_path / "best" / "train_log.jsonl").read_text().splitlines()]
     i = int(np.argmax([r["val_mean"] for r in log]))                  # the first maximum, as the trainer keeps
     assert s["kept_step"] == log[i]["step"] and s["val_end"]["reflection"] == log[i]["val_reflection"]
