@@ -261,7 +261,7 @@ def train(model, tok, reward_fn, train_statements, valid_statements, out_dir, *,
         state["seconds"] += time.perf_counter() - t0
         state["kl_last"] = float(kl.mean().detach())
         row = {"step": state["step"], "data_points": state["data_points"], "seconds": round(state["seconds"], 3),
-               "reward": float(R.mean()), "kl": float(kl.mean().detach()), "loss": float(loss.detach()),
+               "reward": float(R.mean()), "kl": state["kl_last"], "loss": float(loss.detach()),
                "weights": {k: round(float(x), 4) for k, x in w.items()},
                **{f"train_{k}": float(np.mean(scores[k])) for k in objectives}}
 
